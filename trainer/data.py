@@ -36,6 +36,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from planner.errors import PlanError
+
 from .template import IGNORE_INDEX, TemplateError, encode_conversation, resolve_chat_template
 
 __all__ = [
@@ -63,7 +65,7 @@ _SHAREGPT_ROLES = {
 _MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-class DataError(ValueError):
+class DataError(PlanError):
     """A bad record: ``str(err) == f"{file}:{line}: {reason}"`` (one line)."""
 
     def __init__(self, file, line: int, reason: str):
