@@ -22,7 +22,7 @@ class GPUSpec:
     memory_bytes: int
     """Total device memory as the driver reports it (what NVML calls total)."""
     bf16_tflops: float
-    """Dense bf16 tensor-core peak, TFLOP/s (no sparsity)."""
+    """Dense bf16 tensor-core peak, TFLOP/s (no sparsity); 0 where the card has no bf16 (V100)."""
     fp16_tflops: float
     fp8_tflops: float | None
     hbm_bandwidth_gbps: float
@@ -39,18 +39,22 @@ class GPUSpec:
     source: str
 
     @property
+    def supports_bf16(self) -> bool:
+        return self.bf16_tflops > 0
+
+    @property
     def memory_gib(self) -> float:
         return self.memory_bytes / 2**30
 
     def peak_tflops(self, precision: str) -> float:
         """Dense tensor-core peak for a precision regime ("bf16-mixed", "fp16-mixed", "fp32", ...)."""
-        if precision.startswith("fp16"):
+        if precision.startswith("fp16") or not self.supports_bf16:
             return self.fp16_tflops
         if precision == "fp32":
             # fp32 matmuls run as TF32 on tensor cores by default only if enabled; PyTorch
             # defaults to full fp32 for matmuls, about 1/2 of bf16 on Ampere+ via TF32 is optimistic:
             # use bf16/ 2 as the upper bound of what fp32 training reaches.
-            return self.bf16_tflops / 2
+            return (self.bf16_tflops or self.fp16_tflops) / 2
         return self.bf16_tflops
 
 
@@ -67,7 +71,7 @@ def gpu_table() -> dict[str, GPUSpec]:
             name = r["name"].strip().lower()
             out[name] = GPUSpec(
                 name=name, vendor_name=r["vendor_name"].strip(), memory_bytes=int(float(r["memory_bytes"])),
-                bf16_tflops=float(r["bf16_dense_tflops"]), fp16_tflops=float(r["fp16_dense_tflops"]),
+                bf16_tflops=_float(r["bf16_dense_tflops"]) or 0.0, fp16_tflops=float(r["fp16_dense_tflops"]),
                 fp8_tflops=_float(r.get("fp8_dense_tflops")), hbm_bandwidth_gbps=float(r["hbm_bandwidth_gbps"]),
                 intra_node_link=r["intra_node_link"].strip().lower(),
                 intra_node_bandwidth_gbps=float(r["intra_node_bandwidth_gbps"]),
