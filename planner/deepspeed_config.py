@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from planner.config import Offload, Precision, TrainConfig
+from planner.config import Offload, TrainConfig
 from planner.model import ModelSpec
 
 DS_FILENAME = "ds_config.json"

@@ -396,12 +396,17 @@ def safe_fit(mem: Any) -> bool:
     return bool(mem.fits) and getattr(mem, "high", 0) <= mem.capacity
 
 
+_TIE = math.log(1.005)
+
+
 def _rank_key(c: Candidate) -> tuple:
     """Fitting first; among them those that fit at the memory upper bound before those that fit
     only at the expected value (a recommendation that may OOM is the worst answer); then
     tokens/s, then fewer moving parts, then headroom."""
     if c.fits:
-        return (0, 0 if safe_fit(c.memory) else 1, -round(c.throughput.tokens_per_s, 6), _simplicity(c.cfg),
+        tps = c.throughput.tokens_per_s
+        # speeds within 0.5% are a tie (the model is not that precise): fewer moving parts win
+        return (0, 0 if safe_fit(c.memory) else 1, -int(math.log(max(tps, 1e-9)) / _TIE), _simplicity(c.cfg), -tps,
                 -c.memory.headroom_bytes)
     return (1, 0, c.memory.peak_device, -c.throughput.tokens_per_s)
 
@@ -575,7 +580,7 @@ def search(model: ModelSpec, fixed: Mapping[str, Any], gpu: Any, *, global_batch
     else:
         recommended = None
         shown = [Candidate(x.cfg, x.memory, x.throughput, i, "does not fit")
-                 for i, x in enumerate(ev.candidate(c.cfg, bounds=True) for c in all_cands[:top])]
+                 for i, x in enumerate(ev.candidate(c.cfg, bounds=True) for c in all_cands[:min(top, 3)])]
         nothing = explain_nothing_fits(model, fixed, gpu, all_cands, global_batch=global_batch, lengths=lengths,
                                        memory_fn=ev.memory_fn) if explain else None
     return SearchResult(candidates=shown, evaluated=len(all_cands), fitting=len(fitting),
@@ -729,10 +734,10 @@ def _change_text(fixed: Mapping[str, Any], cfg: TrainConfig, skip: Iterable[str]
             continue
         v = getattr(cfg, k)
         if k not in fixed:
-            # a free dimension: mention only the memory levers people ask about
-            if k in ("method", "zero", "offload", "checkpointing") or (k == "chunked_ce" and v):
-                pass
-            else:
+            # a free dimension: mention only the memory levers people ask about, when they are on
+            on = {"method": True, "zero": v != 0, "offload": v != Offload.NONE,
+                  "checkpointing": v != Checkpointing.NONE, "chunked_ce": bool(v)}.get(k, False)
+            if not on:
                 continue
         elif fixed[k] == v or str(fixed[k]) == str(v):
             continue
@@ -766,12 +771,13 @@ def explain_nothing_fits(model: ModelSpec, fixed: Mapping[str, Any], gpu: Any, t
         if res is None or res.best is None:
             return
         b = res.best
+        text = change or _change_text(fixed, b.cfg)
         key = (b.cfg, getattr(b.memory, "capacity", 0))
-        if key in seen:
+        if key in seen or text in seen:
             return
-        seen.add(key)
+        seen.update((key, text))
         slow = ref / b.throughput.tokens_per_s if ref and b.throughput.tokens_per_s else None
-        fixes.append(Fix(change or _change_text(fixed, b.cfg), b, slow))
+        fixes.append(Fix(text, b, slow))
 
     def sub(keep: Iterable[str] | None = None, the_gpu: Any = None, **changes: Any) -> SearchResult | None:
         """Search again with `changes` and only the `keep` dimensions still fixed (None: all)."""

@@ -25,7 +25,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 from planner.config import Attention, Checkpointing, Method, Offload, Optimizer, Precision, TrainConfig, LORA_ALL_LINEAR
 from planner.errors import PlanError

@@ -396,6 +396,7 @@ def _measure_impl(
     ce_chunk: int = 1024,
     world_size: int = 1,
     zero: int = 0,
+    autocast: bool = False,
     seed: int = 0,
 ) -> FakeStepResult:
     import torch
@@ -424,7 +425,7 @@ def _measure_impl(
                     freeze_trainable_layers=freeze_trainable_layers if method == "freeze" else None,
                     dtype=dtype, optimizer=optimizer, optimizer_impl=optimizer_impl, attention=attention,
                     checkpointing=checkpointing, micro_batch=micro_batch, seq_len=seq_len,
-                    chunked_ce=chunked_ce, world_size=world_size, zero=zero or 0,
+                    chunked_ce=chunked_ce, world_size=world_size, zero=zero or 0, autocast=bool(autocast),
                     device="cpu-fake" if fake else "cpu")
 
     t0 = time.perf_counter()
@@ -465,7 +466,13 @@ def _measure_impl(
         t1, c1 = time.perf_counter(), time.process_time()
         with tracker:
             tracker.set_phase("forward")
-            loss = _loss(model, input_ids, labels, chunked_ce, ce_chunk)
+            # HF Trainer bf16=True (accelerate native AMP) wraps the model's forward -- loss
+            # included, since the loss is computed inside forward -- in torch.autocast; backward
+            # and the optimizer step run outside it. The region's exit clears autocast's weight
+            # cast cache; casts saved for backward stay alive through their SavedVariables.
+            amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+            with amp:
+                loss = _loss(model, input_ids, labels, chunked_ce, ce_chunk)
             tracker.set_phase("backward")
             loss.backward()
             del loss

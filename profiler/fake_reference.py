@@ -1,11 +1,14 @@
 """Reference matrix of fake-tensor steps -> ``tables/measured/fake_reference.csv``.
 
     python -m profiler.fake_reference --out tables/measured/fake_reference.csv
+    python -m profiler.fake_reference --only autocast=True --merge   # re-run a subset in place
 
 One row per case: the settings, trainable/total parameters, per-phase per-category bytes
 (``{phase}_{category}_bytes``), the category breakdown at the global peak
 (``peak_{category}_bytes``), timing, and provenance (device="cpu-fake", library versions,
-date, command). Bytes are exact integers of *allocated* memory on the HF code path (see
+date, command). ``autocast`` True is bf16-mixed (forward + loss under
+``torch.autocast(bfloat16)``, as HF Trainer ``bf16=True``); False is pure bf16 (bf16-true).
+Bytes are exact integers of *allocated* memory on the HF code path (see
 ``profiler.fake``); GiB = 2**30 bytes. The file is written atomically (temp + rename).
 """
 
@@ -48,6 +51,7 @@ CATEGORIES = ("parameter", "buffer", "gradient", "optimizer", "activation", "tem
 SETTING_COLUMNS = [
     "model", "method", "lora_rank", "lora_alpha", "lora_target", "lora_fp32_adapters", "dtype",
     "optimizer", "optimizer_impl", "attention", "checkpointing", "micro_batch", "seq_len", "chunked_ce",
+    "autocast",
 ]
 COLUMNS = (
     SETTING_COLUMNS
@@ -69,7 +73,7 @@ def load_model_config(name: str) -> tuple[dict[str, Any], str]:
 
 
 def reference_cases() -> list[dict[str, Any]]:
-    """The reference matrix (20 cases)."""
+    """The reference matrix (22 cases)."""
     cases: list[dict[str, Any]] = []
     for model in ("llama-2-7b", "llama-3-8b"):
         for method in ("full", "lora"):
@@ -83,7 +87,57 @@ def reference_cases() -> list[dict[str, Any]]:
     for s in (512, 4096):
         cases.append(dict(model="llama-2-7b", method="full", attention="sdpa", checkpointing="none",
                           seq_len=s, micro_batch=1))
+    # bf16-mixed LoRA (autocast): peft's fp32 adapters save bf16 casts of their inputs
+    for model in ("llama-2-7b", "llama-3-8b"):
+        cases.append(dict(model=model, method="lora", attention="sdpa", checkpointing="none",
+                          seq_len=2048, micro_batch=1, autocast=True))
     return cases
+
+
+def _norm_value(v: Any) -> str:
+    return str(v).strip().lower()
+
+
+def case_matches(case: dict[str, Any], only: str) -> bool:
+    """``--only`` filter. ``key=value[,key=value...]`` compares case settings (missing keys
+    take the run defaults, e.g. ``autocast=False``); a bare string matches model names."""
+    if not only:
+        return True
+    if "=" not in only:
+        return only in case["model"]
+    defaults = dict(autocast=False, micro_batch=1, chunked_ce=False, method="full")
+    for part in only.split(","):
+        k, _, v = part.partition("=")
+        k = k.strip()
+        if _norm_value(case.get(k, defaults.get(k, ""))) != _norm_value(v):
+            return False
+    return True
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """Identity of a row (its settings), for ``--merge``; a missing autocast is False."""
+    vals = {k: row.get(k, "") for k in SETTING_COLUMNS}
+    if vals["autocast"] in ("", None):
+        vals["autocast"] = False
+    return tuple(_norm_value(vals[k]) for k in SETTING_COLUMNS)
+
+
+def read_csv(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:  # files written before the autocast column: those steps ran without it
+        if r.get("autocast") in (None, ""):
+            r["autocast"] = False
+    return rows
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with rows of the same settings replaced by ``new`` (in place), others appended."""
+    fresh = {row_key(r): r for r in new}
+    out = [fresh.pop(row_key(r), r) for r in old]
+    return out + [r for r in new if row_key(r) in fresh]
 
 
 def _versions() -> dict[str, str]:
@@ -114,7 +168,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         "lora_fp32_adapters": "" if s["lora_fp32_adapters"] is None else s["lora_fp32_adapters"],
         "dtype": s["dtype"], "optimizer": s["optimizer"], "optimizer_impl": s["optimizer_impl"],
         "attention": s["attention"], "checkpointing": s["checkpointing"], "micro_batch": s["micro_batch"],
-        "seq_len": s["seq_len"], "chunked_ce": s["chunked_ce"],
+        "seq_len": s["seq_len"], "chunked_ce": s["chunked_ce"], "autocast": s["autocast"],
         "trainable_params": r.trainable_params, "total_params": r.total_params,
         "peak_bytes": r.peak_bytes, "peak_gib": round(r.peak_bytes / 2**30, 3), "peak_phase": r.peak_phase,
         "seconds": round(r.seconds, 2), "step_seconds": round(r.step_seconds, 2),
@@ -149,11 +203,17 @@ def write_csv_atomic(rows: list[dict[str, Any]], out: pathlib.Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m profiler.fake_reference", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "tables" / "measured" / "fake_reference.csv"))
-    ap.add_argument("--only", default="", help="run cases whose model name contains this string")
+    ap.add_argument("--only", default="",
+                    help="run a subset: cases whose model name contains this string, or key=value[,key=value] "
+                         "on the case settings (e.g. autocast=True, model=llama-3-8b,method=lora)")
+    ap.add_argument("--merge", action="store_true",
+                    help="merge into the existing --out file: replace rows with the same settings, keep the rest")
     ap.add_argument("--limit", type=int, default=0, help="run at most N cases (smoke test)")
     args = ap.parse_args(argv)
 
-    cases = [c for c in reference_cases() if args.only in c["model"]]
+    cases = [c for c in reference_cases() if case_matches(c, args.only)]
+    if not cases:
+        ap.error(f"--only {args.only!r} matches no reference case")
     if args.limit:
         cases = cases[: args.limit]
     vers = _versions()
@@ -167,14 +227,20 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         G = 2**30
         print(f"[{i}/{len(cases)}] {row['model']:<11} {row['method']:<4} {row['attention']:<5} "
+              f"{'amp ' if row['autocast'] else ''}"
               f"ckpt={row['checkpointing']:<4} s={row['seq_len']:<5} peak {row['peak_bytes'] / G:6.2f} GiB "
               f"(act {row['peak_activation_bytes'] / G:5.2f}, param {row['peak_parameter_bytes'] / G:5.2f}, "
               f"grad {row['peak_gradient_bytes'] / G:5.2f}, opt {row['peak_optimizer_bytes'] / G:5.2f}, "
               f"temp {row['peak_temp_bytes'] / G:5.2f}) in {row['peak_phase']}; "
               f"{row['seconds']:.1f} s total, step {row['step_seconds']:.1f} s",
               file=sys.stderr, flush=True)
-    write_csv_atomic(rows, pathlib.Path(args.out))
-    print(f"wrote {len(rows)} rows to {args.out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    out = pathlib.Path(args.out)
+    n_new = len(rows)
+    if args.merge:
+        rows = merge_rows(read_csv(out), rows)
+    write_csv_atomic(rows, out)
+    print(f"wrote {len(rows)} rows ({n_new} new) to {args.out} in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
     return 0
 
 

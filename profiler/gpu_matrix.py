@@ -251,16 +251,22 @@ def run_matrix(configs: list[MatrixConfig], out: Path, tag: str, *, device: str,
         tps = f" {summ['tokens_per_s']:,.0f} tok/s" if summ.get("tokens_per_s") else ""
         _say(f"[{i + 1}/{len(configs)} {time.perf_counter() - t0:5.0f}s] {c.id}: {res['status']}{mem}{tps} "
              f"{str(res.get('message', ''))[:140]}", log)
-    # bundle the per-configuration directories into one file (the device returns at most 8 files)
-    with tarfile.open(out / f"runs-{tag}.tar.gz", "w:gz") as tar:
-        for c in configs:
-            d = work / c.id
-            if not d.exists():
-                continue
-            for f in sorted(d.iterdir()):
-                if f.suffix == ".pickle" and not snapshots:
+    # bundle the per-configuration directories into one file (the device returns at most 8 files,
+    # 16 MiB each): without the HTML pages if the bundle would be too large
+    tar_path = out / f"runs-{tag}.tar.gz"
+    for skip in ((), (".html",), (".html", ".png")):
+        with tarfile.open(tar_path, "w:gz") as tar:
+            for c in configs:
+                d = work / c.id
+                if not d.exists():
                     continue
-                tar.add(f, arcname=f"{c.id}/{f.name}")
+                for f in sorted(d.iterdir()):
+                    if (f.suffix == ".pickle" and not snapshots) or f.suffix in skip:
+                        continue
+                    tar.add(f, arcname=f"{c.id}/{f.name}")
+        if tar_path.stat().st_size < 15 * 2**20:
+            break
+        _say(f"runs bundle over 15 MiB: dropping {', '.join(skip) or 'nothing'} and more", log)
     shutil.rmtree(work, ignore_errors=True)
     counts: dict[str, int] = {}
     for r in rows:

@@ -334,9 +334,9 @@ def fake_kwargs(cfg: TrainConfig, notes: list[str]) -> dict[str, Any]:
     if attention == "flash":
         attention = "sdpa"
         notes.append("--attention flash: the fake step runs sdpa's math on CPU kernels (no flash kernel)")
-    if cfg.precision == Precision.BF16_MIXED:
-        notes.append("fake step: bf16 weights without autocast (bf16-mixed on a bf16 model casts only the fp32 "
-                     "adapters)")
+    amp = cfg.precision == Precision.BF16_MIXED and _fake_supports("autocast")
+    if cfg.precision == Precision.BF16_MIXED and not amp:
+        notes.append("fake step: bf16 weights without autocast (this profiler.fake has no autocast option)")
     elif cfg.precision == Precision.FP16_MIXED:
         notes.append("fake step: pure fp16 (no fp32 trainable weights / GradScaler as fp16-mixed uses)")
     if cfg.packing:
@@ -345,14 +345,33 @@ def fake_kwargs(cfg: TrainConfig, notes: list[str]) -> dict[str, Any]:
         notes.append("fake step: one micro-batch (gradient accumulation adds no memory beyond the .grad buffers)")
     if cfg.compile:
         notes.append("fake step: --compile ignored")
+    if cfg.world_size > 1 or cfg.zero:
+        notes.append(f"fake step: one rank of {cfg.world_size} with FSDP2 full sharding (torch AdamW, states in the "
+                     "parameter dtype); DeepSpeed ZeRO keeps fp32 master weights and states instead")
     if cfg.checkpointing.value == "selective":
         raise PlanError("--checkpointing selective has no HF implementation to run; profile 'full' or 'none'")
-    return dict(method=cfg.method.value, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout, lora_target=",".join(cfg.lora_target),
-                freeze_trainable_layers=cfg.freeze_trainable_layers, dtype=_FAKE_DTYPE[cfg.precision.value],
-                optimizer=opt, optimizer_impl="fused", attention=attention, checkpointing=cfg.checkpointing.value,
-                micro_batch=cfg.micro_batch, seq_len=cfg.seq_len, chunked_ce=cfg.chunked_ce,
-                world_size=cfg.world_size, zero=cfg.zero)
+    kw = dict(method=cfg.method.value, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+              lora_dropout=cfg.lora_dropout, lora_target=",".join(cfg.lora_target),
+              freeze_trainable_layers=cfg.freeze_trainable_layers, dtype=_FAKE_DTYPE[cfg.precision.value],
+              optimizer=opt, optimizer_impl="fused", attention=attention, checkpointing=cfg.checkpointing.value,
+              micro_batch=cfg.micro_batch, seq_len=cfg.seq_len, chunked_ce=cfg.chunked_ce,
+              world_size=cfg.world_size, zero=cfg.zero)
+    if amp:
+        kw["autocast"] = True  # HF Trainer bf16=True: forward + loss under bf16 autocast
+    return kw
+
+
+def _fake_supports(name: str) -> bool:
+    """Whether profiler.fake's step takes keyword `name` (it grows options over time)."""
+    import inspect
+
+    try:
+        from profiler import fake as F
+
+        fn = getattr(F, "_measure_impl", None) or getattr(F, "_measure")
+        return name in inspect.signature(fn).parameters
+    except Exception:
+        return False
 
 
 def _fake_timeline(spec, kw: dict[str, Any]) -> dict[str, Any]:
@@ -389,7 +408,8 @@ def _fake_timeline(spec, kw: dict[str, Any]) -> dict[str, Any]:
         tracker.track_external(model, opt, ids)
         t1 = time.perf_counter()
         with tracker:
-            train_step(model, model, opt, batches, device="cpu", autocast_dtype=None, chunked_ce=kw["chunked_ce"],
+            train_step(model, model, opt, batches, device="cpu",
+                       autocast_dtype="bfloat16" if kw.get("autocast") else None, chunked_ce=kw["chunked_ce"],
                        phase=tracker.set_phase, keep_loss=False)
         t2 = time.perf_counter()
     peaks = tracker.phase_peaks

@@ -309,12 +309,22 @@ def _print_table(console, rows: list[dict[str, Any]]) -> None:
         except (TypeError, ValueError):
             return "—"
 
-    t = Table(title="sweep results (GiB = 2^30 bytes)", title_justify="left")
-    for col in ("config", "status", "peak alloc", "peak reserved", "tracked peak", "pred. alloc", "step s", "tokens/s"):
-        t.add_column(col, justify="left" if col in ("config", "status") else "right")
+    def num(v: Any, fmt: str) -> str:
+        try:
+            return format(float(v), fmt)
+        except (TypeError, ValueError):
+            return "—"
+
+    t = Table(title="sweep results", caption="memory in GiB (2^30 bytes): peak allocated / reserved, tracked "
+              "peak, the planner's predicted peak allocated", title_justify="left", caption_justify="left")
+    for col in ("config", "status", "alloc", "resv", "tracked", "pred", "step s", "tok/s"):
+        if col == "config":
+            t.add_column(col, overflow="fold", min_width=20, ratio=1)
+        else:
+            t.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
     for r in rows:
         t.add_row(str(r["config_id"]), str(r["status"]), gib(r.get("peak_allocated_bytes")),
                   gib(r.get("peak_reserved_bytes")), gib(r.get("tracked_peak_bytes")),
-                  gib(r.get("predicted_peak_allocated_bytes")), str(r.get("step_time_s") or "—"),
-                  str(r.get("tokens_per_s") or "—"))
+                  gib(r.get("predicted_peak_allocated_bytes")), num(r.get("step_time_s"), ".3f"),
+                  num(r.get("tokens_per_s"), ",.0f"))
     console.print(t)

@@ -142,7 +142,13 @@ def write_png(path: Path, m: dict[str, Any], data: dict[str, Any] | None) -> Non
             x0, x1 = _span_x(s, pts)
             ax.axvspan(x0, x1, color=PHASE_FILL.get(s["phase"], "#f4f4f4"), alpha=0.5, zorder=0)
             ax.axvline(x0, color="#555", lw=0.8, ls=":")
-            ax.text((x0 + x1) / 2, top / div * 1.02, s["phase"], ha="center", va="bottom", fontsize=9, color="#333")
+            narrow = (x1 - x0) < 0.08 * max(len(pts) - 1, 1)
+            if narrow:  # a short phase (the optimizer step): label it vertically inside the plot
+                ax.text(x1, top / div * 1.08, s["phase"], ha="right", va="top", fontsize=8, color="#333",
+                        rotation=90)
+            else:
+                ax.text((x0 + x1) / 2, top / div * 1.02, s["phase"], ha="center", va="bottom", fontsize=9,
+                        color="#333")
         styles = {"predicted": ("black", "--"), "allocator": ("#1f1f7a", "-."), "reserved": ("#7a1f1f", ":")}
         seen: set[str] = set()
         for o in overlays:
@@ -209,7 +215,9 @@ def _svg(m: dict[str, Any], data: dict[str, Any]) -> str:
         x0, x1 = _span_x(s, pts)
         parts.append(f'<rect x="{X(x0):.1f}" y="{T}" width="{max(X(x1) - X(x0), 1):.1f}" height="{H - T - B}" '
                      f'fill="{PHASE_FILL.get(s["phase"], "#f4f4f4")}"><title>{html.escape(s["phase"])}</title></rect>')
-        parts.append(f'<text x="{(X(x0) + X(x1)) / 2:.1f}" y="{T - 8}" text-anchor="middle">{html.escape(s["phase"])}</text>')
+        narrow = (x1 - x0) < 0.08 * n
+        anchor, tx = ("end", X(x1)) if narrow else ("middle", (X(x0) + X(x1)) / 2)
+        parts.append(f'<text x="{tx:.1f}" y="{T - 8}" text-anchor="{anchor}">{html.escape(s["phase"])}</text>')
     # y grid
     div, unit = _unit(top)
     step = _nice_step(top / div / 6)

@@ -67,6 +67,35 @@ def test_fake_equals_real_cpu_step(kw):
     assert fake.peak_bytes == max(d["total"] for d in fake.phase_peaks.values())
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"method": "lora"},
+        {"method": "lora", "checkpointing": "full"},
+        {},
+        {"method": "lora", "attention": "eager", "chunked_ce": True, "ce_chunk": 32},
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "full",
+)
+def test_fake_equals_real_cpu_step_under_autocast(kw):
+    """bf16-mixed (forward + loss under torch.autocast("cpu", bfloat16)): fake == real to the byte."""
+    fake = fake_step(TINY, **STEP, autocast=True, **kw)
+    real = cpu_step(TINY, **STEP, autocast=True, **kw)
+    assert fake.settings["autocast"] is True
+    assert fake.peak_bytes == real.peak_bytes
+    assert fake.phase_peaks == real.phase_peaks
+
+
+def test_autocast_lora_saves_bf16_adapter_inputs():
+    """peft's fp32 adapters: without autocast lora_A saves an fp32 copy of its input, under
+    autocast the bf16 re-cast of it -- half the bytes. Full fine-tuning (bf16 weights) is
+    unchanged: autocast has nothing to cast."""
+    pure = fake_step(TINY, **STEP, method="lora")
+    amp = fake_step(TINY, **STEP, method="lora", autocast=True)
+    assert amp.phase_peaks["forward"]["activation"] < pure.phase_peaks["forward"]["activation"]
+    assert fake_step(TINY, **STEP, autocast=True).phase_peaks == fake_step(TINY, **STEP).phase_peaks
+
+
 def test_bf16_full_state_bytes():
     r = fake_step(TINY, **STEP)
     n = _tiny_n_params()

@@ -157,9 +157,12 @@ def test_qlora_weight_bytes_match_bitsandbytes(tmp_path, double_quant):
 
 # ----------------------------------------------------------- fake-tensor oracle
 def _fake_row_config(row: dict) -> TrainConfig:
-    # profiler.fake runs pure bf16 without autocast (= bf16-true) and lora_dropout 0.
+    # profiler.fake runs pure bf16 without autocast (= bf16-true), or with autocast=True the
+    # forward under torch.autocast(bf16) with bf16 weights (= HF Trainer bf16-mixed); lora_dropout 0.
+    amp = row.get("autocast", "").strip().lower() == "true"
+    precision = ("bf16-mixed" if amp else "bf16-true") if row["dtype"] == "bf16" else row["dtype"]
     return TrainConfig(
-        method=row["method"], precision="bf16-true" if row["dtype"] == "bf16" else row["dtype"],
+        method=row["method"], precision=precision,
         lora_rank=int(row["lora_rank"] or 16), lora_target=row["lora_target"] or "all-linear", lora_dropout=0.0,
         optimizer=row["optimizer"], attention=row["attention"], checkpointing=row["checkpointing"],
         micro_batch=int(row["micro_batch"]), seq_len=int(row["seq_len"]),
@@ -180,7 +183,8 @@ def _fake_rows() -> list[dict]:
 
 
 def _row_id(row: dict) -> str:
-    return "-".join(row[k] for k in ("model", "method", "attention", "checkpointing", "seq_len"))
+    amp = "-amp" if row.get("autocast", "").strip().lower() == "true" else ""
+    return "-".join(row[k] for k in ("model", "method", "attention", "checkpointing", "seq_len")) + amp
 
 
 @pytest.mark.parametrize("row", _fake_rows() or [None], ids=lambda r: _row_id(r) if r else "no-csv")
@@ -205,19 +209,23 @@ TINY = dict(model_type="llama", vocab_size=1024, hidden_size=256, intermediate_s
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=1024)
 
 
-@pytest.mark.parametrize("method,attention,checkpointing", [
-    ("full", "sdpa", "none"), ("lora", "sdpa", "none"), ("full", "eager", "none"), ("lora", "eager", "full"),
+@pytest.mark.parametrize("method,attention,checkpointing,precision", [
+    ("full", "sdpa", "none", "bf16-true"), ("lora", "sdpa", "none", "bf16-true"),
+    ("full", "eager", "none", "bf16-true"), ("lora", "eager", "full", "bf16-true"),
+    ("lora", "sdpa", "none", "bf16-mixed"), ("lora", "sdpa", "full", "bf16-mixed"),
 ])
-def test_tiny_activations_match_fake_to_the_byte(method, attention, checkpointing):
+def test_tiny_activations_match_fake_to_the_byte(method, attention, checkpointing, precision):
     """Hidden 256, 2 layers: every term is exact; the only slack is int64 batch bookkeeping
-    (HF Trainer's attention_mask + labels, 16 bytes/token, that the oracle's batch lacks)."""
+    (HF Trainer's attention_mask + labels, 16 bytes/token, that the oracle's batch lacks).
+    bf16-mixed = the fake step under torch.autocast (bf16 adapter-input casts, 5a, and
+    autocast's cached bf16 casts of the fp32 adapter weights, 5b)."""
     from profiler.fake import fake_step
 
     seq = 128
     r = fake_step(TINY, method=method, attention=attention, checkpointing=checkpointing, seq_len=seq,
-                  micro_batch=1)
+                  micro_batch=1, autocast=precision == "bf16-mixed")
     spec = spec_from_config(dict(TINY), "tiny256")
-    cfg = TrainConfig(method=method, precision="bf16-true", attention=attention, checkpointing=checkpointing,
+    cfg = TrainConfig(method=method, precision=precision, attention=attention, checkpointing=checkpointing,
                       seq_len=seq, lora_dropout=0.0)
     fw = r.phase_peaks["forward"]
     assert abs(_predicted_forward_activation(spec, cfg) - fw["activation"] - fw["input"]) <= 24 * seq

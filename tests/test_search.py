@@ -29,8 +29,7 @@ def test_70b_on_64_gpus_is_big_and_fast(memory_fn, h100):
     """Issue 3: >= 2,000 candidates for 70b on 8 GPUs x 8 nodes in < 0.5 s of planner time.
     scripts/bench_search.py reports the numbers. Here: the search's own time (enumeration,
     solver, throughput, ranking: everything but the memory model) has a generous bound for
-    shared CI cores; the end-to-end bound is checked only once the memory model is fast enough
-    for it (it is called ~2 times per candidate and owns that budget)."""
+    shared CI cores, and so has the whole search (memory model included)."""
     m = load_model("70b")
     spent = {"t": 0.0, "n": 0}
 
@@ -53,9 +52,10 @@ def test_70b_on_64_gpus_is_big_and_fast(memory_fn, h100):
     assert r.evaluated >= 2000, r.evaluated
     assert r.fitting > 0 and r.recommended == 0
     assert own < 1.5, own
-    if per_call > 300e-6:
-        pytest.xfail(f"memory model takes {per_call * 1e3:.1f} ms per call; the 0.5 s target needs < 0.2 ms")
-    assert total < 3.0, total
+    # 0.19 s best / 0.23 s median on an idle-ish 2-core machine (scripts/bench_search.py); the
+    # bound leaves room for shared CI cores.
+    assert per_call < 600e-6, per_call
+    assert total < 2.0, total
 
 
 def test_ranking_and_trades(memory_fn, h100):
@@ -67,7 +67,8 @@ def test_ranking_and_trades(memory_fn, h100):
     # tokens/s; the other methods' best rows follow (different products)
     assert best.cfg.method == Method.FULL
     tps = [c.throughput.tokens_per_s for c in r.candidates if c.cfg.method == best.cfg.method]
-    assert tps == sorted(tps, reverse=True)
+    # ranked by tokens/s; speeds within 0.5% tie and the simpler configuration goes first
+    assert all(b <= a * 1.006 for a, b in zip(tps, tps[1:])), tps
     others = [c for c in r.candidates if c.cfg.method != best.cfg.method]
     assert r.candidates[-len(others):] == others
     assert best.trades.startswith("recommended")

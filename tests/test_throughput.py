@@ -49,8 +49,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,ckpt,targets", CASES)
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("method,ckpt,targets,attn", [c + ("eager",) for c in CASES]
+                         + [("full", "none", None, "sdpa"), ("lora", "full", "q_proj,v_proj", "sdpa")])
 def test_flops_match_flop_counter(method, ckpt, targets, attn):
     """Forward + backward FLOPs of one real HF step on CPU, counted by FlopCounterMode, equal
     the formula. FlopCounterMode counts attention as non-causal (compare causal=False); on CPU

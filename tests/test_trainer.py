@@ -91,6 +91,11 @@ def test_plan_yaml_is_read_and_flags_override(tmp_path):
     assert opts.deepspeed == str((tmp_path / "ds_config.json").resolve())
     assert opts.lr == 3e-4 and opts.epochs == 2
     assert launch["print_launch"] is False
+    # plan --out names the Hub id and the preset: the preset is what trains here (no downloads)
+    (tmp_path / "p2.yaml").write_text(yaml.safe_dump({"model_name_or_path": "meta-llama/Llama-3.1-8B",
+                                                      "model_preset": "llama-3.1-8b", "method": "lora"}))
+    opts, _ = build_options({"config": tmp_path / "p2.yaml"})
+    assert opts.model == "llama-3.1-8b" and opts.cfg.method.value == "lora"
 
 
 def test_print_launch_commands(tmp_path, capsys):

@@ -224,6 +224,7 @@ def build_datasets(opts: TrainOptions, tokenizer) -> tuple[list, list, dict]:
                         f"({stats.get('bad_lines', 0)} bad, {stats.get('dropped', 0)} without trainable tokens)")
     stats = {k: v for k, v in stats.items() if k != "errors"} | {"errors_shown": stats.get("errors", [])[:5]}
     stats["data"] = data
+    stats["lengths"] = [len(e["input_ids"]) for e in train]
     stats["train_examples"] = len(train)
     stats["eval_examples"] = len(ev)
     if ev_stats:
@@ -459,7 +460,7 @@ def _get_num(obj, *names):
     return None
 
 
-def predictions(spec, cfg: TrainConfig, gpu_name: str | None) -> dict:
+def predictions(spec, cfg: TrainConfig, gpu_name: str | None, lengths: list[int] | None = None) -> dict:
     """The planner's memory / throughput prediction for this config (tolerates absent modules)."""
     out: dict[str, Any] = {"gpu": gpu_name}
     try:
@@ -482,7 +483,10 @@ def predictions(spec, cfg: TrainConfig, gpu_name: str | None) -> dict:
     try:
         from planner.throughput import estimate_throughput
 
-        tp = estimate_throughput(spec, cfg, gpu)
+        try:  # the example lengths give the padding waste when packing is off
+            tp = estimate_throughput(spec, cfg, gpu, lengths=lengths) if lengths else estimate_throughput(spec, cfg, gpu)
+        except TypeError:
+            tp = estimate_throughput(spec, cfg, gpu)
         out["tokens_per_s"] = _get_num(tp, "tokens_per_s", "tokens_per_second", "tokens_per_sec", "throughput")
         per_gpu = _get_num(tp, "tokens_per_s_per_gpu", "tokens_per_second_per_gpu")
         if per_gpu is not None:
@@ -610,6 +614,13 @@ def run_training(opts: TrainOptions) -> dict:
                                   random_init=random_init, device=device, notes=notes)
         model, model_info = _model()
     notes += model_info.pop("notes", [])
+    if random_init:  # a fresh model takes the tokenizer's special tokens (no "aligned" warning later)
+        for obj in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+            if obj is not None:
+                for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                    val = getattr(tokenizer, key, None)
+                    if val is not None:
+                        setattr(obj, key, val)
     if cfg.chunked_ce and not args.use_liger_kernel:
         notes.append("chunked cross-entropy: trainer.loss (torch, checkpointed chunks); Liger needs CUDA + liger_kernel")
 
@@ -675,7 +686,7 @@ def make_summary(opts, spec, cfg, metrics, trainer, train_result, data_stats, mo
                 "tokens_per_s_per_process": (tok / secs / world) if secs else None,
                 "step_time_s": (secs / len(steady)) if steady else None} | peak
     gpu = gpu_name_here(opts.gpu)
-    pred = predictions(spec, cfg, gpu)
+    pred = predictions(spec, cfg, gpu, lengths=data_stats.get("lengths"))
     comparable = device == "cuda" and opts.gpu is None and gpu is not None
     cmp: dict[str, Any] = {"comparable": comparable}
     if not comparable:
@@ -691,7 +702,7 @@ def make_summary(opts, spec, cfg, metrics, trainer, train_result, data_stats, mo
         "model": opts.model, "method": cfg.method.value, "config": cfg.to_plan_yaml(),
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
         "params": model_info,
-        "data": data_stats,
+        "data": {k: v for k, v in data_stats.items() if k != "lengths"},
         "first_loss": losses[0] if losses else None,
         "final_loss": (sum(losses[-k:]) / k) if losses else None,
         "loss_fell": bool(losses) and (sum(losses[-k:]) / k) < (sum(losses[:k]) / k),

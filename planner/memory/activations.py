@@ -34,6 +34,16 @@ Which autograd nodes save what (the numbered terms used below):
      fp32 copy to bf16 and saves the bf16 cast instead: a·in per adapter (the fp32 copy is
      transient). DeepSpeed (16-bit adapters, no autocast) and fp32 save the shared input.
      See `adapter_input()`.
+  5b. under autocast F.linear also casts the fp32 adapter weights A (r·in) and B (out·r) to
+     the 16-bit dtype, and since they are leaves that require grad, autocast's cache keeps
+     each cast until the autocast region exits (after the loss): a bytes per adapter
+     parameter at the forward peak, independent of the batch. The matmuls save them too:
+     lora_B's always, lora_A's only when the adapter's input requires grad (not layer 0's
+     q/k/v under LoRA — their input descends from the frozen embedding — whose A casts live
+     only in the cache). Without checkpointing they therefore stay until their layer's
+     backward; with checkpointing the forward's casts die with the cache and each layer's are
+     re-made by its recompute. (Saved-tensor hooks + the fake oracle on a tiny Llama, CPU
+     autocast: 2·adapter_params more than 5a alone, to the byte.) See `adapter_weight_casts()`.
   6. lora_A's output, saved by lora_B: r elements in the adapter's dtype;
   7. lora_dropout > 0: `nn.Dropout` on the copy: the dropped copy replaces (5) and CUDA's
      fused dropout saves a 1-byte mask per element: +1·in. (CPU dropout saves a float
@@ -156,6 +166,20 @@ class _Terms:
     def add(self, name: str, value: float) -> None:
         if value:
             self.d[name] = self.d.get(name, 0.0) + value
+
+
+def adapter_weight_casts(model: ModelSpec, cfg: TrainConfig, layer: int | None = None) -> int:
+    """5b. Bytes of autocast's 16-bit casts of the fp32 LoRA weights (A and B of every adapted
+    Linear; the lm_head adapter when targeted) -- one decoder `layer`, or, with ``layer=None``,
+    the model-level ones (lm_head). 0 unless autocast runs over fp32 adapters (bf16-/fp16-mixed
+    under HF Trainer, no DeepSpeed). MoE expert/router adapters (peft ParamWrapper) are
+    counted with their merged banks in `layer_constant_bytes` (17c)."""
+    if not cfg.is_adapter or cfg.zero >= 1 or cfg.precision not in (Precision.BF16_MIXED, Precision.FP16_MIXED):
+        return 0
+    a, r = act_bytes(cfg), cfg.lora_rank
+    if layer is None:
+        return a * r * (model.hidden_size + model.vocab_size) if head_adapted(cfg) else 0
+    return a * r * sum(lin.in_features + lin.out_features for lin in adapted_linears(model, cfg, layer))
 
 
 def _norm(t: _Terms, name: str, width: int, a: int, *, in_grad: bool, w_grad: bool, gemma: bool,
@@ -412,6 +436,10 @@ class _Profile:
     fwd_tr: float
     bwd_tr: float
     dequant: int
+    casts_sum: int = 0
+    """5b. autocast casts of the adapter weights, all decoder layers (bytes)."""
+    casts_max: int = 0
+    """5b. the same, the layer with the most."""
 
 
 def _profile(model: ModelSpec, cfg: TrainConfig) -> _Profile:
@@ -424,9 +452,12 @@ def _profile(model: ModelSpec, cfg: TrainConfig) -> _Profile:
         kinds.setdefault((fl, model.is_moe_layer(i)), []).append(i)
     per_saved = per_full = 0.0
     big, big_full, big_saved = 0, -1.0, 0.0
-    const_sum = const_max = 0
+    const_sum = const_max = casts_sum = casts_max = 0
     for (fl, _moe), idx in kinds.items():
         i = idx[0]
+        casts = adapter_weight_casts(model, cfg, i) if fl.adapted else 0
+        casts_sum += casts * len(idx)
+        casts_max = max(casts_max, casts)
         full = sum(layer_terms(model, cfg, i, fl).values())
         saved = full if attn_saved == cfg.attention else sum(layer_terms(model, cfg, i, fl, attention=attn_saved).values())
         c = layer_constant_bytes(model, cfg, i)
@@ -449,7 +480,8 @@ def _profile(model: ModelSpec, cfg: TrainConfig) -> _Profile:
     return _Profile(per_layer_saved=per_saved, per_layer_full=per_full, big_full=big_full, big_saved=big_saved,
                     terms=terms, n_active=sum(1 for fl in flags if fl.active), layer_const_sum=const_sum,
                     layer_const_max=const_max, other=sum(model_level_terms(model, cfg).values()),
-                    const_no_batch=0, fwd_tr=fwd_tr, bwd_tr=bwd_tr, dequant=dequant)
+                    const_no_batch=0, fwd_tr=fwd_tr, bwd_tr=bwd_tr, dequant=dequant,
+                    casts_sum=casts_sum, casts_max=casts_max)
 
 
 def _key(model: ModelSpec, cfg: TrainConfig, *, with_batch: bool) -> tuple:
@@ -482,16 +514,21 @@ def _estimate_activations(model: ModelSpec, cfg: TrainConfig) -> ActivationEstim
         if len(_PROFILE) > 4096:
             _PROFILE.clear()
         p = _PROFILE[pkey] = _profile(model, cfg)
-    const = constant_bytes(model, cfg)
+    # 5b. autocast's adapter-weight casts: the lm_head's are model-level; the layers' are
+    # saved with their layer, except under full checkpointing where only autocast's cache
+    # holds them through the forward pass (counted as constant: at most a·adapter bytes high
+    # in backward, where one layer's casts are recomputed).
+    const = constant_bytes(model, cfg) + adapter_weight_casts(model, cfg)
     a, h = act_bytes(cfg), model.hidden_size
     if cfg.checkpointing == Checkpointing.FULL:
         layers_saved = p.n_active * a * h * T                              # 20.
-        recompute = p.big_full * T + p.layer_const_max
+        recompute = p.big_full * T + p.layer_const_max + p.casts_max
+        const += p.casts_sum
     elif cfg.checkpointing == Checkpointing.SELECTIVE:
-        layers_saved = p.per_layer_saved * T + p.layer_const_sum           # 21.
+        layers_saved = p.per_layer_saved * T + p.layer_const_sum + p.casts_sum   # 21.
         recompute = (p.big_full - p.big_saved) * T
     else:
-        layers_saved = p.per_layer_saved * T + p.layer_const_sum
+        layers_saved = p.per_layer_saved * T + p.layer_const_sum + p.casts_sum
         recompute = 0
     saved = int(layers_saved + p.other * T + const)
     breakdown = {"layers": int(layers_saved), "model_level": int(p.other * T), "constant": const}

@@ -63,15 +63,20 @@ class Overhead:
 
 
 def estimate_overhead(cfg: TrainConfig) -> Overhead:
+    return _overhead(cfg.world_size, cfg.nodes)
+
+
+@lru_cache(maxsize=64)
+def _overhead(world_size: int, nodes: int) -> Overhead:
     def three(key: str) -> tuple[int, int, int]:
         return (int(calibration_value(key)), int(calibration_value(key, "low")), int(calibration_value(key, "high")))
 
     ctx, ctx_lo, ctx_hi = three("cuda_context_bytes")                 # 1.
     cub, cub_lo, cub_hi = three("cublas_workspace_bytes")             # 2.
     nccl = nccl_lo = nccl_hi = 0
-    if cfg.world_size > 1:                                            # 3.
+    if world_size > 1:                                                # 3.
         nccl, nccl_lo, nccl_hi = three("nccl_bytes_per_gpu")
-        extra = int(calibration_value("nccl_extra_bytes_per_extra_node")) * (cfg.nodes - 1)
+        extra = int(calibration_value("nccl_extra_bytes_per_extra_node")) * (nodes - 1)
         nccl, nccl_lo, nccl_hi = nccl + extra, nccl_lo + extra, nccl_hi + extra
     return Overhead(cuda_context=ctx, cublas_workspace=cub, nccl=nccl,
                     low=ctx_lo + cub_lo + nccl_lo, high=ctx_hi + cub_hi + nccl_hi)
@@ -79,10 +84,15 @@ def estimate_overhead(cfg: TrainConfig) -> Overhead:
 
 def fragmentation_fraction(cfg: TrainConfig, bound: str = "value") -> float:
     """4. (reserved − allocated) / allocated at the peak."""
+    return _fragmentation(cfg.method.value, bound)
+
+
+@lru_cache(maxsize=64)
+def _fragmentation(method: str, bound: str) -> float:
     table = memory_calibration()["fragmentation_fraction"]
     if not isinstance(table, dict):  # a single number for every method
         return float(table)
-    entry = table.get(cfg.method.value, table.get("full", table))
+    entry = table.get(method, table.get("full", table))
     if not isinstance(entry, dict):
         return float(entry)
     return float(entry.get(bound, entry.get("value", 0.0)))

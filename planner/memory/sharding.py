@@ -28,6 +28,7 @@ gradient; `gradient_as_bucket_view=False` — accelerate's default — keeps the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping
 
 from planner.config import Method, Offload, TrainConfig
@@ -86,6 +87,7 @@ class Buffers:
     notes: tuple[str, ...] = ()
 
 
+@lru_cache(maxsize=256)
 def _persistent_small_params(model: ModelSpec, threshold: int) -> int:
     """3. Elements of parameters with numel < threshold (norms, qk-norms, biases)."""
     h = model.hidden_size
