@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.2x vendors click as typer._click; its exceptions are not click's
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as _click_exc
 
 from planner.errors import PlanError
 
@@ -54,6 +58,9 @@ def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
+_NO_ARGS_IS_HELP = tuple(getattr(_click_exc, n) for n in ("NoArgsIsHelpError", "NoArgsIsHelp") if hasattr(_click_exc, n))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: typer in non-standalone mode so every error is one line."""
     try:
@@ -62,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as exc:
         print(f"tuneplan: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except click.exceptions.NoArgsIsHelp:
-        return 0
-    except click.exceptions.UsageError as exc:
+    except _NO_ARGS_IS_HELP:
+        return 0  # the help text is already printed
+    except _click_exc.ClickException as exc:  # usage errors, bad parameters, unreadable files
         print(f"tuneplan: error: {_one_line(exc.format_message())}", file=sys.stderr)
         return 2
-    except click.exceptions.Abort:
+    except _click_exc.Abort:
         print("tuneplan: aborted", file=sys.stderr)
         return 130
-    except click.exceptions.Exit as exc:
+    except _click_exc.Exit as exc:
         return exc.exit_code
     except KeyboardInterrupt:
         print("tuneplan: interrupted", file=sys.stderr)

@@ -208,6 +208,7 @@ class TrainConfig:
             if target is None:
                 continue
             kwargs.update(conv(value) if conv else {target: value})
+        kwargs = {k: _coerce(k, v) for k, v in kwargs.items()}
         try:
             return cls(**kwargs)
         except TypeError as exc:  # pragma: no cover - defensive
@@ -251,6 +252,30 @@ OPTIM_HF = {"adamw": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit",
             "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd", "adafactor": "adafactor"}
 _OPTIM_FROM_HF = {v: k for k, v in OPTIM_HF.items()} | {"adamw_torch": "adamw", "adamw_8bit": "adamw-8bit",
                                                          "paged_adamw_32bit": "adamw"}
+
+
+_INT_FIELDS = ("lora_rank", "lora_alpha", "freeze_trainable_layers", "zero", "micro_batch", "grad_accum",
+               "seq_len", "gpus", "nodes")
+_BOOL_FIELDS = ("double_quant", "packing", "chunked_ce", "compile")
+
+
+def _coerce(name: str, v: Any) -> Any:
+    """Values read from CSV / YAML strings ("4", "true", "0.05") → the field's type."""
+    if not isinstance(v, str):
+        return v
+    text = v.strip()
+    try:
+        if name in _INT_FIELDS:
+            return int(float(text)) if float(text).is_integer() else text
+        if name == "lora_dropout":
+            return float(text)
+    except ValueError:
+        raise PlanError(f"{name}: expected a number, got {v!r}") from None
+    if name in _BOOL_FIELDS:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise PlanError(f"{name}: expected true/false, got {v!r}")
+        return _bool(text)
+    return v
 
 
 def _bool(v: Any) -> bool:

@@ -9,7 +9,7 @@ path allocates is counted with its exact size and lifetime, so the numbers are t
 allocator (reserved - allocated), CUDA context, cuBLAS/NCCL workspaces, or kernels that
 exist only on GPU (flash-attention 2, fused CE kernels). ``cpu_step`` runs the identical
 step on real CPU tensors (tiny models only) -- on a tiny Llama both agree to the byte,
-which is what ``tests/test_fake.py`` checks.
+which is what ``tests/test_fake.py`` checks (with and without ``autocast``).
 
 Categories reported (bytes; see ``profiler.tracker`` for the exact tagging rules):
 
@@ -521,7 +521,17 @@ def fake_step(hf_config: Any, **kwargs: Any) -> FakeStepResult:
     optimizer ``adamw | adam | sgd | sgd_momentum``; optimizer_impl ``fused | foreach |
     for-loop``; attention ``sdpa | eager``; checkpointing ``none | full`` (non-reentrant,
     every decoder layer); micro_batch; seq_len; chunked_ce (lm_head + CE in checkpointed
-    chunks of ``ce_chunk`` tokens: full-vocab logits never coexist).
+    chunks of ``ce_chunk`` tokens: full-vocab logits never coexist); autocast (default
+    False): run forward + loss under ``torch.autocast("cpu", dtype=torch.bfloat16)`` --
+    HF Trainer ``bf16=True`` (accelerate native AMP) over 16-bit weights, i.e. the planner's
+    ``bf16-mixed``; False is pure ``bf16-true``. It matters for peft's fp32 adapters: lora_A
+    saves a bf16 cast of its input instead of an fp32 copy, and autocast caches bf16 casts
+    of the adapter weights until the region exits. CPU and CUDA autocast agree on every op
+    of the HF Llama/peft graph: the casting ops (linear/mm/addmm/bmm/matmul, sdpa) are
+    lower-precision on both; the ops only CUDA's policy lists (pow, rsqrt, cumsum: fp32)
+    already get fp32/bool inputs here, and the CPU-only ones (cat: promote;
+    cross_entropy_loss: fp32) get same-dtype / fp32 inputs. Not reproduced: accelerate's
+    ``convert_outputs_to_fp32`` (an fp32 copy of the returned logits after forward).
 
     world_size / zero: ``1 / 0`` is one GPU (also what each DDP rank holds, minus DDP's
     gradient buckets). ``N / 3`` runs FSDP2 ``fully_shard`` (each decoder layer + root) over
