@@ -61,10 +61,11 @@ def _one_line(msg: str) -> str:
 _NO_ARGS_IS_HELP = tuple(getattr(_click_exc, n) for n in ("NoArgsIsHelpError", "NoArgsIsHelp") if hasattr(_click_exc, n))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point: typer in non-standalone mode so every error is one line."""
+def run_app(typer_app: typer.Typer, argv: list[str] | None, prog_name: str) -> int:
+    """Run a typer app in non-standalone mode so every error is one line on stderr:
+    bad input → exit 2, never a traceback. Shared by `tuneplan` and the `python -m` entries."""
     try:
-        rv = app(args=argv, standalone_mode=False, prog_name="tuneplan")
+        rv = typer_app(args=argv, standalone_mode=False, prog_name=prog_name)
         return rv if isinstance(rv, int) else 0
     except PlanError as exc:
         print(f"tuneplan: error: {_one_line(exc)}", file=sys.stderr)
@@ -84,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point `tuneplan`."""
+    return run_app(app, argv, "tuneplan")
 
 
 if __name__ == "__main__":

@@ -190,24 +190,9 @@ def sweep(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m profiler.cli ...`: same error handling as the tuneplan entry point."""
-    import click
+    from planner.cli import run_app
 
-    try:
-        rv = app(args=argv, standalone_mode=False, prog_name="tuneplan profile")
-        return rv if isinstance(rv, int) else 0
-    except PlanError as exc:
-        print(f"tuneplan: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except getattr(click.exceptions, "NoArgsIsHelp", ()) or ():  # click >= 8.2
-        return 0
-    except click.exceptions.UsageError as exc:
-        print(f"tuneplan: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
-        return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("tuneplan: interrupted", file=sys.stderr)
-        return 130
+    return run_app(app, argv, "tuneplan profile")
 
 
 if __name__ == "__main__":

@@ -339,6 +339,9 @@ def fake_kwargs(cfg: TrainConfig, notes: list[str]) -> dict[str, Any]:
         notes.append("fake step: bf16 weights without autocast (this profiler.fake has no autocast option)")
     elif cfg.precision == Precision.FP16_MIXED:
         notes.append("fake step: pure fp16 (no fp32 trainable weights / GradScaler as fp16-mixed uses)")
+    if cfg.is_adapter and cfg.lora_dropout > 0:
+        notes.append(f"--lora-dropout {cfg.lora_dropout}: CPU dropout keeps larger masks than CUDA's 1-byte bool masks, "
+                     "which the planner models; activations read high here (--lora-dropout 0 compares exactly)")
     if cfg.packing:
         notes.append("fake step: --packing ignored (one planned-shape row per sequence)")
     if cfg.grad_accum > 1:

@@ -292,27 +292,12 @@ def export(adapter: AdapterOpt, out: ExportOut, merge: Merge = True, base: BaseO
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer.cli train|export ...`: the two commands without the rest of the app
     (tests and debugging); `tuneplan train` is the same function registered in planner/cli.py."""
-    import click
+    from planner.cli import run_app
 
     app = typer.Typer(name="tuneplan", pretty_exceptions_enable=False, add_completion=False, no_args_is_help=True)
     app.command("train", help="Train the chosen configuration end to end.")(train)
     app.command("export", help="Merge a LoRA adapter into its base model and save it.")(export)
-    try:
-        rv = app(args=argv, standalone_mode=False, prog_name="tuneplan")
-        return rv if isinstance(rv, int) else 0
-    except PlanError as exc:
-        print(f"tuneplan: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except click.exceptions.NoArgsIsHelp:
-        return 0
-    except click.exceptions.UsageError as exc:
-        print(f"tuneplan: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
-        return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("tuneplan: interrupted", file=sys.stderr)
-        return 130
+    return run_app(app, argv, "tuneplan")
 
 
 if __name__ == "__main__":
