@@ -189,8 +189,7 @@ def _row_id(row: dict) -> str:
 
 @pytest.mark.parametrize("row", _fake_rows() or [None], ids=lambda r: _row_id(r) if r else "no-csv")
 def test_activations_and_phases_match_fake_reference(row):
-    if row is None:
-        pytest.skip(f"{FAKE_CSV} not written yet (python -m profiler.fake_reference)")
+    assert row is not None, f"{FAKE_CSV} is missing: regenerate it with python -m profiler.fake_reference"
     if row.get("optimizer_impl", "fused") != "fused" or row["method"] not in ("full", "lora", "freeze"):
         pytest.skip(f"case {row.get('optimizer_impl')}/{row['method']} is not modelled (fused AdamW only)")
     if row.get("lora_fp32_adapters", "") not in ("", "True"):
