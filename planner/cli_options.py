@@ -47,7 +47,10 @@ FIELD_OF = {
 
 
 def fixed_dimensions(options: dict[str, Any]) -> dict[str, Any]:
-    """The TrainConfig fields the user set on the command line (None = not set)."""
+    """The TrainConfig fields the user set on the command line (None = not set).
+
+    `options` may hold a command's other arguments too (pass its `locals()`): only the
+    names in FIELD_OF are read."""
     return {FIELD_OF[k]: v for k, v in options.items() if k in FIELD_OF and v is not None}
 
 

@@ -115,17 +115,13 @@ def plan(
     json_out: Json = False,
 ) -> int:
     """Plan memory and speed per GPU; rank the configurations that fit."""
+    options = dict(locals())  # the config flags; fixed_dimensions reads only those
     from planner import search as S
     from planner.hardware import get_gpu
     from planner.model import resolve_model
     from planner.report import budget, budget_line, plan_json, render_table
     from planner.throughput import LengthStats, read_lengths
 
-    options = dict(gpus=gpus, nodes=nodes, method=method, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                   lora_dropout=lora_dropout, lora_target=lora_target, double_quant=double_quant, precision=precision,
-                   optimizer=optimizer, zero=zero, offload=offload, micro_batch=micro_batch, grad_accum=grad_accum,
-                   seq_len=seq_len, packing=packing, checkpointing=checkpointing, attention=attention,
-                   chunked_ce=chunked_ce, compile=compile)
     fixed = normalize_fixed(fixed_dimensions(options))
     if top < 1:
         raise PlanError(f"--top must be >= 1, got {top}")

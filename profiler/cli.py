@@ -138,11 +138,7 @@ def run(
     timeline: Timeline = True,
     quiet: Quiet = False,
 ) -> None:
-    options = dict(gpus=gpus, nodes=nodes, method=method, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                   lora_dropout=lora_dropout, lora_target=lora_target, double_quant=double_quant, precision=precision,
-                   optimizer=optimizer, zero=zero, offload=offload, micro_batch=micro_batch, grad_accum=grad_accum,
-                   seq_len=seq_len, packing=packing, checkpointing=checkpointing, attention=attention,
-                   chunked_ce=chunked_ce, compile=compile)
+    options = dict(locals())  # the config flags; fixed_dimensions reads only those
     cfg = O.config_from_options(options)  # validates: PlanError → one line, exit 2
     from profiler.run import ProfileOOM, profile
 

@@ -113,6 +113,7 @@ from functools import lru_cache
 from planner.config import Attention, Checkpointing, Method, Precision, TrainConfig
 from planner.memory.counts import (adapted_linears, embed_adapted, head_adapted, moe_adapted, moe_adapter_params,
                                    trainable_layer_indices)
+from planner.memory.memo import memoized
 from planner.model import ModelSpec
 
 
@@ -497,23 +498,12 @@ _PROFILE: dict = {}
 
 def estimate_activations(model: ModelSpec, cfg: TrainConfig) -> ActivationEstimate:
     """Saved activations at the end of forward + the per-layer working sets, for one micro-batch."""
-    key = _key(model, cfg, with_batch=True)
-    hit = _ACT.get(key)
-    if hit is None:
-        if len(_ACT) > 8192:
-            _ACT.clear()
-        hit = _ACT[key] = _estimate_activations(model, cfg)
-    return hit
+    return memoized(_ACT, _key(model, cfg, with_batch=True), 8192, lambda: _estimate_activations(model, cfg))
 
 
 def _estimate_activations(model: ModelSpec, cfg: TrainConfig) -> ActivationEstimate:
     T = cfg.tokens_per_micro_batch
-    pkey = _key(model, cfg, with_batch=False)
-    p = _PROFILE.get(pkey)
-    if p is None:
-        if len(_PROFILE) > 4096:
-            _PROFILE.clear()
-        p = _PROFILE[pkey] = _profile(model, cfg)
+    p = memoized(_PROFILE, _key(model, cfg, with_batch=False), 4096, lambda: _profile(model, cfg))
     # 5b. autocast's adapter-weight casts: the lm_head's are model-level; the layers' are
     # saved with their layer, except under full checkpointing where only autocast's cache
     # holds them through the forward pass (counted as constant: at most a·adapter bytes high

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from planner.config import LORA_ALL_LINEAR, Method, TrainConfig
 from planner.errors import PlanError
+from planner.memory.memo import memoized
 from planner.model import Linear, ModelSpec
 
 #: module names outside the decoder layers that peft can adapt when listed explicitly
@@ -127,12 +128,7 @@ def _layer_tensor_count(model: ModelSpec, layer: int) -> int:
 def param_counts(model: ModelSpec, cfg: TrainConfig) -> ParamCounts:
     """Exact element counts; tested against peft `get_peft_model` on a meta model."""
     key = (model, cfg.method, cfg.lora_rank, cfg.lora_target, cfg.freeze_trainable_layers)
-    hit = _COUNTS.get(key)
-    if hit is None:
-        if len(_COUNTS) > 4096:
-            _COUNTS.clear()
-        hit = _COUNTS[key] = _param_counts(model, cfg)
-    return hit
+    return memoized(_COUNTS, key, 4096, lambda: _param_counts(model, cfg))
 
 
 _COUNTS: dict = {}
